@@ -70,7 +70,7 @@ VIDEO_QUANTISER = 5  # MPEG-4 constant quantiser (2 = best, 31 = worst): about 2
 AUDIO_BIT_RATE = 24000  # MP3 bits per second: 12 KB per clip, ample for tone bursts over noise
 
 # Nuisance strengths, in intensity units of [0, 1] per RGB channel. With these the class-bearing object adds about
-# 30% of the pixel variance and the background the rest (measured in docs/demo-learnability.md).
+# 30% of the pixel variance and the background the rest (measured in docs/benchmarks/demo-learnability.md).
 GRATING = 0.3  # amplitude bound of each of the 3 background gratings
 BLOB = 0.4  # colour amplitude bound of the drifting soft blob
 CONTRAST = (
