@@ -11,7 +11,8 @@ Paths measured on the same source clips and the same cores:
   resample to 8 fps by nearest frame, decode and resample the audio and compute the log-mel at load
   (`xkd.sharding.mel`), then the same crops as ours. The speed-up is the ratio of rates from one run.
 Rates are "decode plus geometric ops" (`augment=False`); rows marked `+photometric` add colour jitter, grayscale,
-blur and normalisation where our loaders run them (CPU workers on `pyav`, the pipeline device on DALI).
+blur and normalisation where our loaders run them (CPU workers on `pyav`, the pipeline device on DALI). A last
+child process profiles where a `pyav` clip's CPU time goes, stage by stage (`--profile-batches`).
 
 Usage:
     python benchmarks/loader.py [--work .xkd-cache/bench-loader] [--clips 24] [--seconds 12] [--rss-seconds 180]
@@ -36,11 +37,11 @@ import imageio_ffmpeg
 import numpy as np
 import psutil
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xkd.pipeline import DataConfig, make_train_loader, resolve_backend
 from xkd.pipeline.audio import audio_views
-from xkd.pipeline.decode import crop_resize
 from xkd.pipeline.views import random_resized_crop
 from xkd.sharding import cli
 from xkd.sharding.mel import decode_audio, log_mel
@@ -84,6 +85,16 @@ def make_shards(sources: Path, out: Path) -> Path:
     if not (out / "dataset.json").exists():
         cli.main(["--src", str(sources), "--out", str(out), "--max-shard-samples", "4", "--no-progress"])
     return out
+
+
+def crop_resize(frames: torch.Tensor, box: np.ndarray, size: int, flip: bool) -> torch.Tensor:
+    """The authors' crops on decoded RGB frames: crop `box` (y0, x0, y1, x1) out of (T, H, W, 3) uint8 frames,
+    resize to size x size (antialiased bilinear) and optionally flip: (T, size, size, 3) uint8."""
+    y0, x0, y1, x1 = (int(b) for b in box)
+    crop = frames[:, y0:y1, x0:x1].permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last memory: uint8 fast path
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = out.permute(0, 2, 3, 1)
+    return out.flip(2) if flip else out
 
 
 class AuthorsDataset(IterableDataset):
@@ -239,9 +250,52 @@ def memory_run(shards: str, seconds: float, workers: int) -> None:
         print(json.dumps(sample), flush=True)
 
 
+PROFILED = {
+    "decode_frames": "PyAV decode of the window (and its GOP lead-in), 4:2:0 planes copied out",
+    "video_views": "views: crop, resize, flip, YUV -> RGB of 32x112x112 + 8x96x96 pixels",
+    "video_views_batch": "uint8 -> float32 (B, 3, T, H, W) and ImageNet normalisation",
+}
+
+
+def profile_run(shards: str, batches: int) -> None:
+    """Child process: where a `pyav` clip's CPU time goes, in one reader process set up as a DataLoader worker
+    (torch single-threaded, the workers' allocator setting), augmentation off. Prints one JSON dict."""
+    from xkd.pipeline import loader
+
+    torch.set_num_threads(1)
+    loader._keep_freed_memory()
+    spent = dict.fromkeys(PROFILED, 0.0)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.process_time() - start
+
+        return wrapper
+
+    for name in PROFILED:  # the reader calls these through the loader module's globals
+        setattr(loader, name, timed(name, getattr(loader, name)))
+    cfg = DataConfig(
+        shards=shards, batch_size=8, augment=False, shuffle_buffer=16, backend="pyav", num_workers=0
+    )
+    stream = make_train_loader(cfg)
+    next(stream)  # warm-up
+    spent.update(dict.fromkeys(PROFILED, 0.0))
+    start = time.process_time()
+    clips = sum(len(next(stream).key) for _ in range(batches))
+    total = time.process_time() - start
+    print(json.dumps({"clips": clips, "total": total, **spent}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--memory-run":
         memory_run(argv[1], float(argv[2]), int(argv[3]))
+        return
+    if argv and argv[0] == "--profile-run":
+        profile_run(argv[1], int(argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -256,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="reader workers / threads to try"
+    )
+    parser.add_argument(
+        "--profile-batches", type=int, default=12, help="batches of the per-stage pyav profile (0 skips it)"
     )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite --out from the last run's results.json"
@@ -321,6 +378,11 @@ def main(argv: list[str] | None = None) -> None:
             name = "dali-mixed" + (" +photometric" if augment else "")
             run(name, "2 DALI threads + 2 readers", 4, make_train_loader(cfg))
 
+    profile = None
+    if args.profile_batches > 0:
+        cmd = [sys.executable, __file__, "--profile-run", str(shards), str(args.profile_batches)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        profile = json.loads(out.strip().splitlines()[-1])
     memory = []
     if args.rss_seconds > 0:
         # In a fresh process, so the loaders measured above do not count.
@@ -329,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         memory = [tuple(json.loads(line)) for line in out.splitlines() if line.startswith("[")]
     results = {
         "rows": rows,
+        "profile": profile,
         "memory": memory,
         "started": started.isoformat(),
         "load": [load_before, load_average()],
@@ -343,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args, results)
 
 
-def targets(rows: list) -> list[str]:
+def targets(rows: list, profile: dict | None) -> list[str]:
     """The issue's targets, read off this run: >= 100 clips/s per core on the CPU paths (decode + geometric ops),
     >= 1,100 clips/s on an H100 with at most 4 cores (DALI `mixed`)."""
     cpu = [per_cpu for name, _, _, _, per_cpu in rows if name in ("pyav", "dali-cpu")]
@@ -360,6 +423,12 @@ def targets(rows: list) -> list[str]:
         lines.append(
             f"- CPU paths, >= 100 clips/s per core: best {max(cpu):.0f} clips per CPU-second ({verdict})."
         )
+        if profile:
+            decode = 1000 * profile["decode_frames"] / profile["clips"]
+            lines.append(
+                f"  Decoding the VP9 window alone takes {decode:.1f} ms per clip on the `pyav` path: at most"
+                f" {1000 / decode:.0f} clips/s per core before any view is cut."
+            )
     if speedups:
         lines.append(
             f"- Speed-up over decoding at load, same clips and cores: {min(speedups):.1f}x-{max(speedups):.1f}x."
@@ -411,7 +480,32 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
         "included. Photometric rows add colour jitter (torchvision semantics), grayscale, blur and ImageNet",
         "normalisation on the CPU; on a GPU machine the DALI path runs them on the GPU.",
     ]
-    lines += targets(rows)
+    profile = results.get("profile")
+    if profile:
+        per_clip = {k: 1000 * v / profile["clips"] for k, v in profile.items() if k != "clips"}
+        rest = per_clip["total"] - sum(per_clip[k] for k in PROFILED)
+        cfg = DataConfig()
+        pixels = cfg.video_frames * cfg.video_size**2 + cfg.video_local_frames * cfg.video_local_size**2
+        view_bytes = pixels * 3 * 4  # float32 RGB
+        lines += [
+            "",
+            "## Where a `pyav` clip's CPU time goes",
+            "",
+            f"One reader process set up as a DataLoader worker, {profile['clips']} clips, augmentation off, CPU",
+            "milliseconds per clip:",
+            "",
+            "| stage | ms per clip |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {text} | {per_clip[name]:.1f} |" for name, text in PROFILED.items()]
+        lines += [
+            f"| the rest: tar reading, json and mel members, audio views, collation | {rest:.1f} |",
+            f"| total | {per_clip['total']:.1f} |",
+            "",
+            "In the loader rows above the worker also copies every float batch into shared memory for the main",
+            f"process ({view_bytes / 1e6:.1f} MB per clip, in fresh pages).",
+        ]
+    lines += targets(rows, profile)
     if memory:
         lines += [
             "",
