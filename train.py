@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -281,6 +282,7 @@ def fit(
     )
     tick, wait, window = time.perf_counter(), 0.0, 0
     assignments: list[torch.Tensor] = []  # (label, teacher argmaxes) since the last log step
+    warned: set[str] = set()  # KD directions already reported as collapsed
     while state.step < stop:
         # The stream is made from (seed, step, rank) at the start and after every checkpoint: never fast-forwarded.
         if loader is None:
@@ -321,6 +323,7 @@ def fit(
             }
             values |= prototype_nmi(accelerator, assignments)
             assignments.clear()
+            warn_uniform_targets(values, cfg.model.head_out_dim, state.step, warned)
             accelerator.log(values, step=state.step)
             bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{sched['sched/lr']:.2e}")
             tick, wait, window = time.perf_counter(), 0.0, 0
@@ -335,6 +338,22 @@ def fit(
             tick, wait, window = time.perf_counter(), 0.0, 0
     bar.close()
     return raw
+
+
+def warn_uniform_targets(values: dict[str, float], k: int, step: int, warned: set[str]) -> None:
+    """Warn once per KD direction when the teacher's targets are nearly uniform (mean entropy above 95% of ln K):
+    distillation then carries no signal (`../shared/demo-data-findings.md`), while the loss curves look healthy."""
+    for direction in ("a2v", "v2a"):
+        entropy = values.get(f"diag/teacher_entropy_{direction}")
+        if entropy is None or direction in warned or entropy < 0.95 * math.log(k):
+            continue
+        warned.add(direction)
+        warnings.warn(
+            f"step {step}: the {direction} teacher targets are nearly uniform (entropy {entropy:.2f} nats, "
+            f"ln K = {math.log(k):.2f}): KD has collapsed and teaches nothing from here on. See docs/ablation.md "
+            "for the diagnostics; lower teacher temperatures or fewer prototypes (model.head_out_dim) sharpen them",
+            stacklevel=2,
+        )
 
 
 def prototype_nmi(accelerator: Accelerator, assignments: list[torch.Tensor]) -> dict[str, float]:

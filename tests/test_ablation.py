@@ -74,3 +74,15 @@ def test_visualize_writes_reconstruction_and_refinement_pngs(mini_ablation: tupl
     assert [p.name for p in from_export] == ["refinement.png"]
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         visualize.main(["--run", str(root), "--out", str(out)])
+
+
+def test_video_student_check_reports_each_mask_ratio(mini_ablation: tuple[Path, dict]) -> None:
+    root, _ = mini_ablation
+    check = load("xkd_video_student", ROOT / "benchmarks" / "video_student.py")
+    out = root / "video-student.md"
+    argv = ["--shards", str(root / "data" / "shards"), "--steps", "3", "--mask-ratios", "0", "0.5"]
+    check.main([*argv, "--train-clips", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 0")]
+    # demo.yaml's video grid: 16 frames / 4 x (64 px / 16)^2 = 64 tokens; 50% masking keeps 32.
+    assert [row.split(" | ")[1] for row in rows] == ["64 of 64", "32 of 64"]
+    assert all(0 <= float(row.split(" | ")[2]) <= 100 for row in rows)

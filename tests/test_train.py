@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -520,3 +521,20 @@ def test_two_processes_get_disjoint_data_and_keep_identical_weights(tmp_path: Pa
         assert a["student"] == b["student"] and a["teacher"] == b["teacher"]  # yet identical weights
     checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in checkpoint.glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+
+
+def test_uniform_teacher_targets_warn_once_per_direction() -> None:
+    warned: set[str] = set()
+    healthy = {"diag/teacher_entropy_a2v": 0.9 * math.log(64), "diag/teacher_entropy_v2a": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.warn_uniform_targets(healthy, 64, 10, warned)  # below 95% of ln K: silent
+    collapsed = {"diag/teacher_entropy_a2v": 4.08, "diag/teacher_entropy_v2a": 1.0}
+    with pytest.warns(
+        UserWarning, match=r"step 20: the a2v teacher targets are nearly uniform \(entropy 4.08"
+    ):
+        train.warn_uniform_targets(collapsed, 64, 20, warned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.warn_uniform_targets(collapsed, 64, 30, warned)  # reported once
+    assert warned == {"a2v"}
