@@ -350,8 +350,8 @@ def warn_uniform_targets(values: dict[str, float], k: int, step: int, warned: se
         warned.add(direction)
         warnings.warn(
             f"step {step}: the {direction} teacher targets are nearly uniform (entropy {entropy:.2f} nats, "
-            f"ln K = {math.log(k):.2f}): KD has collapsed and teaches nothing from here on. See docs/ablation.md "
-            "for the diagnostics; lower teacher temperatures or fewer prototypes (model.head_out_dim) sharpen them",
+            f"ln K = {math.log(k):.2f}): KD has collapsed and teaches nothing from here on. docs/ablation.md "
+            "('Why', point 3) gives the diagnostics and what was tried",
             stacklevel=2,
         )
 
