@@ -379,22 +379,27 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
         return [(n, line.strip()) for n, line in enumerate(f, start=1) if line.strip()]
 
 
-def _fold_items(
+def _fold_listing(
+    layout: str,
     src: Path,
-    video_root: Path,
+    dataset: str,
     classes: list[str],
     listed: dict[str, dict[str, str]],
     listed_where: dict[str, tuple[str, str]],
-    extensions: frozenset[str],
+    audio_only: bool,
     skip: Path | None,
     unlisted_reason: str,
-) -> list[Item]:
-    """Items of a class-folder tree whose fold membership comes from split files.
+    folds: list[str],
+    described: list[str],
+) -> Listing:
+    """The listing of a class-folder tree whose fold membership comes from split files (UCF101, HMDB51).
 
     `listed` maps a lower-cased `<class>/<file>` to {fold: train/test}; `listed_where` maps it to the name as
     written and the split file line that first lists it.
     Matching is case-insensitive (UCF101's HandstandPushups folder holds v_HandStandPushups_* files).
     """
+    video_root = _video_root(src, classes)
+    extensions = VIDEO_EXTENSIONS | (AUDIO_EXTENSIONS if audio_only else frozenset())
     class_ids = {name.lower(): i for i, name in enumerate(classes)}
     items: list[Item] = []
     seen: set[str] = set()
@@ -415,10 +420,10 @@ def _fold_items(
         source_item.label_name = classes[source_item.label]
         match = f"{folder}/{rel.name}".lower()
         seen.add(match)
-        folds = listed.get(match)
-        if folds is None:
+        membership = listed.get(match)
+        if membership is None:
             source_item.error = source_item.error or unlisted_reason
-        source_item.folds = dict(sorted(folds.items())) if folds is not None else None
+        source_item.folds = dict(sorted(membership.items())) if membership is not None else None
         items.append(source_item)
     prefix = "" if video_root == src else _rel(src, video_root) + "/"
     for match, (written, where) in listed_where.items():
@@ -435,7 +440,16 @@ def _fold_items(
                     error=f"missing file: listed in {where} but absent from {video_root}",
                 )
             )
-    return items
+    return Listing(
+        layout=layout,
+        dataset=dataset,
+        classes=classes,
+        items=items,
+        fold_dataset=True,
+        audio_only=audio_only,
+        folds=sorted(set(folds), key=int),
+        described=described,
+    )
 
 
 def _list_ucf101(src: Path, dataset: str, audio_only: bool, skip: Path | None) -> Listing:
@@ -464,28 +478,12 @@ def _list_ucf101(src: Path, dataset: str, audio_only: bool, skip: Path | None) -
                 where.setdefault(match, (name, f"{path.name} line {n}"))
     if not listed:
         raise LayoutError(f"{lists}: no trainlist0N.txt / testlist0N.txt split files")
-    video_root = _video_root(src, classes)
-    extensions = VIDEO_EXTENSIONS | (AUDIO_EXTENSIONS if audio_only else frozenset())
-    items = _fold_items(
-        src,
-        video_root,
-        classes,
-        listed,
-        where,
-        extensions,
-        skip,
-        "not in any split file: no ucfTrainTestlist list",
-    )
-    return Listing(
-        layout="ucf101",
-        dataset=dataset,
-        classes=classes,
-        items=items,
-        fold_dataset=True,
-        audio_only=audio_only,
-        folds=sorted(set(folds), key=int),
+    return _fold_listing(
+        "ucf101", src, dataset, classes, listed, where, audio_only, skip,
+        unlisted_reason="not in any split file: no ucfTrainTestlist list",
+        folds=folds,
         described=[str(p.relative_to(src)) for p in sorted(lists.glob("*.txt"))],
-    )
+    )  # fmt: skip
 
 
 _HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<fold>\d)\.txt$")
@@ -528,30 +526,12 @@ def _list_hmdb51(src: Path, dataset: str, audio_only: bool, skip: Path | None) -
             if code != "0":
                 membership[fold] = "train" if code == "1" else "test"
             where.setdefault(match, (f"{m['cls']}/{name}", f"{path.name} line {n}"))
-    video_root = _video_root(src, classes)
-    extensions = VIDEO_EXTENSIONS | (AUDIO_EXTENSIONS if audio_only else frozenset())
-    items = _fold_items(
-        src,
-        video_root,
-        classes,
-        listed,
-        where,
-        extensions,
-        skip,
-        f"not in any split file: no {split_dir.name}/<class>_test_split*.txt line",
-    )
-    return Listing(
-        layout="hmdb51",
-        dataset=dataset,
-        classes=classes,
-        items=items,
-        fold_dataset=True,
-        audio_only=audio_only,
-        folds=sorted(folds, key=int),
-        described=[
-            f"{split_dir.relative_to(src).as_posix() or '.'}/<class>_test_split*.txt ({len(files)} files)"
-        ],
-    )
+    return _fold_listing(
+        "hmdb51", src, dataset, classes, listed, where, audio_only, skip,
+        unlisted_reason=f"not in any split file: no {split_dir.name}/<class>_test_split*.txt line",
+        folds=list(folds),
+        described=[f"{split_dir.relative_to(src).as_posix() or '.'}/<class>_test_split*.txt ({len(files)} files)"],
+    )  # fmt: skip
 
 
 def _list_esc50(src: Path, dataset: str, audio_only: bool, skip: Path | None) -> Listing:
