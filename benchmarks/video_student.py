@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for mask in args.mask_ratios:
         accuracy, seconds = train_and_test(cfg, clips, mask, args)
-        tokens = math.prod(build_encoder(cfg.model, "video").grid)
+        tokens = cfg.model.video_tokens
         kept = keep_count(tokens, mask)
         rows.append(f"| {mask:g} | {kept} of {tokens} | {accuracy:.1f} | {seconds:.0f} |")
         print(rows[-1], flush=True)
