@@ -232,15 +232,22 @@ def _shard(opts: RunOptions, params: EncodeParams, listing: Listing) -> int:
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done, so an interrupted run never finishes a shard mid-sample."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold Ctrl-C until the block is done, so an interrupted run never finishes a shard mid-sample.
+
+    The handler itself waits: masking SIGINT in the main thread would not, because the kernel then delivers it to
+    another thread (the process pool's, tqdm's) and Python still runs the handler in the main thread, mid-block.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if pending and callable(previous):
+        previous(signal.SIGINT, None)
 
 
 def state_rows(state: JournalState) -> list[ManifestRow]:

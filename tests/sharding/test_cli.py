@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from xkd.sharding import cli
 from xkd.sharding.encode import EncodeParams, Task
 from xkd.sharding.layouts import Item
 from xkd.sharding.manifest import failure_fraction, read_manifest
-from xkd.sharding.runner import execute
+from xkd.sharding.runner import _sigint_deferred, execute
 from xkd.sharding.verify import verify
 from xkd.sharding.writer import STATE_DIR
 
@@ -226,6 +227,25 @@ def _wait_for_shards(proc: subprocess.Popen, journal: Path, count: int) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"the run ended (status {proc.poll()}) before writing {count} shard(s)")
+
+
+def test_ctrl_c_waits_for_the_sample_being_written_whichever_thread_the_kernel_picks() -> None:
+    # A thread with SIGINT unblocked, as the process pool's: the kernel may deliver Ctrl-C there, and Python then
+    # raises KeyboardInterrupt in the main thread. A shard closed at that instant held a truncated member.
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait)
+    other.start()
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt), _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            finished.append("sample")
+    finally:
+        idle.set()
+        other.join()
+    assert finished == ["sample"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_then_kill_minus_9_then_rerun_equals_uninterrupted(
