@@ -189,6 +189,10 @@ class ModelConfig:
     """Weight of L_recon (mean of the modalities' reconstruction losses)."""
     kd_coeff: float = 1.0
     """Weight of L_kd (mean of the two KD directions)."""
+    kd_v2a_weight: float = 1.0
+    """Weight of the video-teacher -> audio-student direction inside L_kd = (L_a2v + w L_v2a) / (1 + w); the paper
+    (1) averages both. 0 distils audio -> video only: a demo-scale control (docs/ablation.md) for when the video
+    teacher knows nothing the audio student could learn, and pulls the audio head to a constant."""
     da_coeff: float = 1.0
     """Weight of L_da (domain alignment)."""
 
@@ -316,7 +320,10 @@ class ModelConfig:
                 f"oracle_targets needs a KD objective ('mr_kd' or 'full', got {self.objective!r}) and "
                 f"1 <= oracle_num_classes ({self.oracle_num_classes}) <= head_out_dim ({self.head_out_dim})"
             )
-        if min(self.recon_coeff, self.kd_coeff, self.da_coeff) < 0 or self.recon_coeff == 0:
+        if (
+            min(self.recon_coeff, self.kd_coeff, self.da_coeff, self.kd_v2a_weight) < 0
+            or self.recon_coeff == 0
+        ):
             fail("loss coefficients must be >= 0 and recon_coeff > 0 (every objective reconstructs)")
 
     # ---- what the objective uses ----

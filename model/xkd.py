@@ -186,7 +186,7 @@ class XKD(nn.Module):
     def distill(
         self, logits: dict[str, Tensor], targets: TeacherTargets | None, labels: Tensor | None
     ) -> dict[str, Tensor]:
-        """Cross-modal KD in both directions (method sheet 2.5) with its diagnostics."""
+        """Cross-modal KD in both directions (method sheet 2.5, `kd_v2a_weight` 1) with its diagnostics."""
         if targets is None:
             raise ValueError(
                 f"XKD.forward: objective={self.cfg.objective!r} distils: pass targets=teacher(...)"
@@ -197,7 +197,8 @@ class XKD(nn.Module):
             "kd_a2v": kd_loss(logits["video"], q_a2v, tau),
             "kd_v2a": kd_loss(logits["audio"], targets.probs_video, tau),
         }
-        out["kd"] = (out["kd_a2v"] + out["kd_v2a"]) / 2
+        w = self.cfg.kd_v2a_weight
+        out["kd"] = (out["kd_a2v"] + w * out["kd_v2a"]) / (1 + w)
         out |= kd_diagnostics(logits["video"], q_a2v, targets.logits_audio, "a2v")
         out |= kd_diagnostics(logits["audio"], targets.probs_video, targets.logits_video, "v2a")
         return out

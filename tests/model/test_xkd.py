@@ -224,6 +224,20 @@ def test_oracle_targets_replace_the_audio_teacher(tiny, views) -> None:
             student(*batch, targets=targets, labels=bad)
 
 
+def test_kd_v2a_weight_zero_distils_audio_to_video_only(tiny, views) -> None:
+    cfg = tiny(objective="mr_kd", kd_v2a_weight=0.0)
+    student = XKD(cfg)
+    batch = views(cfg, batch=4)
+    targets = XKDTeacher(student)(*batch, temp_video=0.1, temp_audio=0.07)
+    out = student(*batch, targets=targets)
+    torch.testing.assert_close(out["kd"], out["kd_a2v"])
+    out["kd"].backward()
+    assert all(
+        p.grad is None or not p.grad.any() for p in student.head["audio"].parameters()
+    )  # no v2a signal
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.head["video"].parameters())
+
+
 def test_forward_checks_views(tiny, views) -> None:
     cfg = tiny(variant="mas")
     student = XKD(cfg)
