@@ -246,8 +246,8 @@ def _sigint_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if pending and callable(previous):
-        previous(signal.SIGINT, None)
+    if pending:
+        signal.raise_signal(signal.SIGINT)  # now handled as it would have been (KeyboardInterrupt by default)
 
 
 def state_rows(state: JournalState) -> list[ManifestRow]:
