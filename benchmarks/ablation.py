@@ -76,7 +76,7 @@ VARIANTS: dict[str, Variant] = {
     "full_kd5": Variant("XKD, KD weight 5 (not the paper's 1)", ("--model.kd_coeff=5",), True),
     # DINO's teacher-temperature warmup 0.04 -> 0.07 for both teachers (paper: 0.1 video, 0.07 audio, constant).
     "full_sharp": Variant("XKD, teacher temperatures 0.04 -> 0.07", SHARP, True),
-    # Audio -> video distillation only: the demo's video teacher has nothing for the audio student to learn.
+    # Audio -> video distillation only: takes the video teacher's pull on the audio head out.
     "full_a2v": Variant("XKD, audio -> video KD only", ("--model.kd_v2a_weight=0",), True),
     "full_cold": Variant("XKD, teacher temperatures 0.01", COLD, True),
     "full_cold_kd5": Variant(

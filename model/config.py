@@ -191,8 +191,8 @@ class ModelConfig:
     """Weight of L_kd (mean of the two KD directions)."""
     kd_v2a_weight: float = 1.0
     """Weight of the video-teacher -> audio-student direction inside L_kd = (L_a2v + w L_v2a) / (1 + w); the paper
-    (1) averages both. 0 distils audio -> video only: a demo-scale control (docs/ablation.md) for when the video
-    teacher knows nothing the audio student could learn, and pulls the audio head to a constant."""
+    (1) averages both. 0 distils audio -> video only, a demo-scale control (docs/ablation.md): an uninformative
+    video teacher then cannot pull the audio head toward a constant."""
     da_coeff: float = 1.0
     """Weight of L_da (domain alignment)."""
 
