@@ -380,8 +380,11 @@ def run_ffmpeg(cmd: list[str], timeout_s: float) -> str:
             proc.kill()
 
         timer = threading.Timer(timeout_s, kill)
-        timer.start()
+        # A daemon started inside the try: a Ctrl-C landing in start() must not leave a timer that keeps the
+        # interrupted run alive until it fires (--timeout-s, 30 min by default).
+        timer.daemon = True
         try:
+            timer.start()
             returncode = proc.wait()
         except BaseException:
             proc.kill()

@@ -4,6 +4,8 @@ bad-input case of issue 3, each ending as a row with a clear reason instead of a
 from __future__ import annotations
 
 import shutil
+import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from xkd.sharding.encode import (
     output_size,
     plan_windows,
     probe,
+    run_ffmpeg,
 )
 from xkd.sharding.layouts import Item
 from xkd.sharding.schema import make_key
@@ -201,3 +204,20 @@ def test_file_names_are_never_options_or_protocols(media, tmp_path) -> None:
     shutil.copyfile(media["av"], src)
     sample = only_sample(run(src, tmp_path, source=name))
     assert sample.meta.source == name and sample.meta.num_frames == 12
+
+
+def test_ctrl_c_while_the_ffmpeg_timer_starts_leaves_no_thread_that_outlives_the_run(monkeypatch) -> None:
+    # The interrupted run must be able to exit: no non-daemon timer left waiting for --timeout-s.
+    start = threading.Timer.start
+
+    def interrupted(self: threading.Timer) -> None:
+        start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Timer, "start", interrupted)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(KeyboardInterrupt):
+        run_ffmpeg(sleeper, timeout_s=600)
+    assert not [
+        t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive() and not t.daemon
+    ]
