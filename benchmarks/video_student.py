@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))  # train.py is a top-level script
 import train  # noqa: E402
 from xkd.model.config import keep_count  # noqa: E402
 from xkd.model.encoder import build_encoder  # noqa: E402
+from xkd.model.heads import mean_patch_tokens  # noqa: E402
 from xkd.pipeline import make_eval_loader  # noqa: E402
 
 
@@ -75,8 +76,7 @@ def train_and_test(
         flip = torch.rand(len(index), generator=generator) < 0.5
         x[flip] = x[flip].flip(-1)
         if mask > 0:
-            tokens, _, _ = encoder.forward_masked(x, mask)
-            pooled = tokens[:, 1:].mean(1)  # the student's global embedding: mean of the visible tokens
+            pooled = mean_patch_tokens(encoder.forward_masked(x, mask)[0])  # the student's global embedding
         else:
             pooled = encoder.forward_features(x)
         loss = F.cross_entropy(classifier(pooled), y_train[index])
@@ -112,12 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     clips = {"train": load_clips(cfg, "train", args.train_clips), "test": load_clips(cfg, "test", 1)}
     shape = tuple(clips["train"][0].shape[1:])
     chance = 100 / (int(clips["train"][1].max()) + 1)
-    rows = []
+    rows, tokens = [], cfg.model.video_tokens
     for mask in args.mask_ratios:
         accuracy, seconds = train_and_test(cfg, clips, mask, args)
-        tokens = cfg.model.video_tokens
-        kept = keep_count(tokens, mask)
-        rows.append(f"| {mask:g} | {kept} of {tokens} | {accuracy:.1f} | {seconds:.0f} |")
+        rows.append(f"| {mask:g} | {keep_count(tokens, mask)} of {tokens} | {accuracy:.1f} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     lines = [
         "# Can the demo's video student learn the cue? (supervised check)",

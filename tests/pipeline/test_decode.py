@@ -152,6 +152,5 @@ def test_views_share_one_window_and_keep_channel_first_memory():
     assert torch.equal(local_views[1], crop_resize(second, view["video_local_box"][1], 8, True))
     batch = stack_views([global_view, global_view.flip(2)])
     assert torch.equal(batch, torch.stack([global_view, global_view.flip(2)]))
-    assert batch.movedim(
-        -1, 1
-    ).is_contiguous()  # (B, 3, T, S, S) in memory: the float conversion reads in order
+    # (B, 3, T, S, S) in memory: the float conversion reads in order.
+    assert batch.movedim(-1, 1).is_contiguous()
