@@ -263,6 +263,10 @@ class XKDTeacher(nn.Module):
         # audio teacher's outputs (audio -> video student).
         self.register_buffer("center_video", torch.zeros(1, cfg.head_out_dim))
         self.register_buffer("center_audio", torch.zeros(1, cfg.head_out_dim))
+        if cfg.teacher_standardize:
+            # Running variances of the same outputs; ones: the first step's targets are the paper's.
+            self.register_buffer("variance_video", torch.ones(1, cfg.head_out_dim))
+            self.register_buffer("variance_audio", torch.ones(1, cfg.head_out_dim))
 
     def encoders(self) -> dict[str, Encoder]:
         """{"video": Encoder, "audio": Encoder}."""
@@ -305,16 +309,17 @@ class XKDTeacher(nn.Module):
         else:
             pooled = {m: mean_patch_tokens(self.encoder[m](inputs[m])) for m in MODALITIES}
         logits = {m: self.head[m](pooled[m]).float() for m in MODALITIES}
+        variance = {m: getattr(self, f"variance_{m}", None) for m in MODALITIES}
         targets = TeacherTargets(
-            probs_video=teacher_probs(logits["video"], self.center_video, temp_video),
-            probs_audio=teacher_probs(logits["audio"], self.center_audio, temp_audio),
+            probs_video=teacher_probs(logits["video"], self.center_video, temp_video, variance["video"]),
+            probs_audio=teacher_probs(logits["audio"], self.center_audio, temp_audio, variance["audio"]),
             logits_video=logits["video"],
             logits_audio=logits["audio"],
             weights_video=weights["video"],
             weights_audio=weights["audio"],
         )
-        update_center(self.center_video, logits["video"], cfg.center_momentum)
-        update_center(self.center_audio, logits["audio"], cfg.center_momentum)
+        update_center(self.center_video, logits["video"], cfg.center_momentum, variance["video"])
+        update_center(self.center_audio, logits["audio"], cfg.center_momentum, variance["audio"])
         return targets
 
     @torch.no_grad()

@@ -179,6 +179,19 @@ def test_teacher_input_and_centering(tiny, views) -> None:
         second = teacher(*batch, temp_video=0.1, temp_audio=0.07)
         expected = torch.softmax((second.logits_audio - 0.1 * first.logits_audio.mean(0)) / 0.07, -1)
         torch.testing.assert_close(second.probs_audio, expected)
+    # Standardised: the first step divides by the initial unit variances (the paper's targets), and both running
+    # statistics then move toward the batch's.
+    cfg = tiny(teacher_standardize=True)
+    teacher = XKDTeacher(XKD(cfg))
+    batch = views(cfg, batch=4)
+    first = teacher(*batch, temp_video=0.1, temp_audio=0.07)
+    torch.testing.assert_close(first.probs_audio, torch.softmax(first.logits_audio / 0.07, -1))
+    batch_variance = first.logits_audio.var(0, unbiased=False, keepdim=True)
+    torch.testing.assert_close(teacher.variance_audio, 0.9 + 0.1 * batch_variance)
+    second = teacher(*batch, temp_video=0.1, temp_audio=0.07)
+    centered = second.logits_audio - 0.1 * first.logits_audio.mean(0)
+    expected = torch.softmax(centered / (0.9 + 0.1 * batch_variance).sqrt() / 0.07, -1)
+    torch.testing.assert_close(second.probs_audio, expected)
     # The local teacher sees exactly view 0.
     cfg = tiny(teacher_input="local", refine=False)
     teacher = XKDTeacher(XKD(cfg))
