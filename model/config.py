@@ -166,11 +166,11 @@ class ModelConfig:
     """Audio-teacher temperature after the warmup (XKD 0.07; MAS/MATS 0.06 via `from_name`)."""
     center_momentum: float = 0.9
     """EMA momentum of the DINO centers (one per direction)."""
-    teacher_standardize: bool = False
-    """Divide the centered teacher logits by a running per-prototype std across clips (an EMA of the batch variance
-    with `center_momentum`, kept beside the center) before the temperature. Not in the paper: a demo-scale remedy
-    (docs/ablation.md, "Why" 3): as the heads' outputs draw together across clips, the paper's fixed temperatures
-    turn the targets uniform; standardised, their sharpness no longer depends on that spread."""
+    teacher_temp_relative: bool = False
+    """Scale each teacher temperature by the spread of that teacher's outputs across clips (`losses.output_spread`)
+    over their spread at the first step: the targets keep the sharpness they start with as the heads' outputs draw
+    together. Not in the paper: a demo-scale remedy (docs/ablation.md, "Why" 3), where the paper's fixed
+    temperatures turn the targets uniform once the spread has shrunk ~10x."""
     refine: bool = True
     """Re-weight the teacher's patch tokens by cross-modal CLS attention before pooling (method sheet 2.4); off:
     plain mean pooling."""

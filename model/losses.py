@@ -54,46 +54,35 @@ def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bo
     return (per_token * mask).sum() / mask.sum()
 
 
-def teacher_probs(
-    teacher_logits: Tensor, center: Tensor, temp: float, variance: Tensor | None = None
-) -> Tensor:
-    """Centered and sharpened teacher targets q = softmax((t - c) / temp): (B, K) -> (B, K) float32.
-
-    With `variance` (running per-prototype variance across clips, `model.teacher_standardize`), the centered logits
-    are divided by its square root first: how sharp the targets are then no longer depends on how far apart the
-    head's outputs lie.
-    """
+def teacher_probs(teacher_logits: Tensor, center: Tensor, temp: float) -> Tensor:
+    """Centered and sharpened teacher targets q = softmax((t - c) / temp): (B, K) -> (B, K) float32."""
     with autocast_off(teacher_logits):
-        centered = teacher_logits.float() - center.float()
-        if variance is not None:
-            centered = centered * variance.float().clamp_min(1e-12).rsqrt()
-        return (centered / temp).softmax(dim=-1)
+        return ((teacher_logits.float() - center.float()) / temp).softmax(dim=-1)
 
 
 @torch.no_grad()
-def update_center(
-    center: Tensor, teacher_logits: Tensor, momentum: float, variance: Tensor | None = None
-) -> None:
+def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> None:
     """In place: center <- momentum * center + (1 - momentum) * batch mean of the teacher logits, the batch mean
-    taken over all processes (DINO ordering: call this after the targets of the step were computed); `variance`,
-    if given, moves the same way toward the batch variance around the batch mean."""
+    taken over all processes (DINO ordering: call this after the targets of the step were computed)."""
     with autocast_off(teacher_logits):
-        # Moments about the old center, which lies near the batch mean: the variance keeps its float32 precision
-        # even when the outputs differ by 1e-3 (a raw E[x^2] - E[x]^2 of values near 1 would lose it).
-        shifted = teacher_logits.float() - center.float()
-        sums = shifted.sum(dim=0, keepdim=True)  # (1, K)
-        if variance is not None:
-            sums = torch.cat([sums, shifted.pow(2).sum(dim=0, keepdim=True)])  # (2, K)
+        batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (1, K)
         count = teacher_logits.shape[0]
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+            dist.all_reduce(batch_sum)
             count *= dist.get_world_size()
-        offset = sums[:1] / count
-        batch_mean = center.float() + offset
-        if variance is not None:
-            batch_variance = (sums[1:] / count - offset.pow(2)).clamp_min(0)
-            variance.mul_(momentum).add_(batch_variance, alpha=1.0 - momentum)
-        center.mul_(momentum).add_(batch_mean, alpha=1.0 - momentum)
+        center.mul_(momentum).add_(batch_sum / count, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def output_spread(teacher_logits: Tensor) -> Tensor:
+    """Spread of a head's outputs across clips: sqrt of the variance across the batch, averaged over the K outputs,
+    averaged over all processes. (B, K) -> () float32."""
+    with autocast_off(teacher_logits):
+        spread = teacher_logits.float().var(dim=0, unbiased=False).mean().sqrt()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(spread)
+            spread = spread / dist.get_world_size()
+        return spread
 
 
 def kd_loss(student_logits: Tensor, targets: Tensor, student_temp: float) -> Tensor:

@@ -39,6 +39,7 @@ from xkd.model.losses import (
     kd_diagnostics,
     kd_loss,
     mmd,
+    output_spread,
     reconstruction_loss,
     teacher_probs,
     update_center,
@@ -263,10 +264,10 @@ class XKDTeacher(nn.Module):
         # audio teacher's outputs (audio -> video student).
         self.register_buffer("center_video", torch.zeros(1, cfg.head_out_dim))
         self.register_buffer("center_audio", torch.zeros(1, cfg.head_out_dim))
-        if cfg.teacher_standardize:
-            # Running variances of the same outputs; ones: the first step's targets are the paper's.
-            self.register_buffer("variance_video", torch.ones(1, cfg.head_out_dim))
-            self.register_buffer("variance_audio", torch.ones(1, cfg.head_out_dim))
+        if cfg.teacher_temp_relative:
+            # Each teacher's output spread at the first step (0 until then), the reference of its temperature.
+            self.register_buffer("spread0_video", torch.zeros(()))
+            self.register_buffer("spread0_audio", torch.zeros(()))
 
     def encoders(self) -> dict[str, Encoder]:
         """{"video": Encoder, "audio": Encoder}."""
@@ -309,18 +310,28 @@ class XKDTeacher(nn.Module):
         else:
             pooled = {m: mean_patch_tokens(self.encoder[m](inputs[m])) for m in MODALITIES}
         logits = {m: self.head[m](pooled[m]).float() for m in MODALITIES}
-        variance = {m: getattr(self, f"variance_{m}", None) for m in MODALITIES}
+        temps = {"video": temp_video, "audio": temp_audio}
+        if cfg.teacher_temp_relative:
+            temps = {m: temps[m] * self.spread_ratio(m, logits[m]) for m in MODALITIES}
         targets = TeacherTargets(
-            probs_video=teacher_probs(logits["video"], self.center_video, temp_video, variance["video"]),
-            probs_audio=teacher_probs(logits["audio"], self.center_audio, temp_audio, variance["audio"]),
+            probs_video=teacher_probs(logits["video"], self.center_video, temps["video"]),
+            probs_audio=teacher_probs(logits["audio"], self.center_audio, temps["audio"]),
             logits_video=logits["video"],
             logits_audio=logits["audio"],
             weights_video=weights["video"],
             weights_audio=weights["audio"],
         )
-        update_center(self.center_video, logits["video"], cfg.center_momentum, variance["video"])
-        update_center(self.center_audio, logits["audio"], cfg.center_momentum, variance["audio"])
+        update_center(self.center_video, logits["video"], cfg.center_momentum)
+        update_center(self.center_audio, logits["audio"], cfg.center_momentum)
         return targets
+
+    def spread_ratio(self, modality: str, logits: Tensor) -> Tensor:
+        """This batch's output spread of a teacher over its first step's (`teacher_temp_relative`); sets the
+        reference on the first call. A () tensor: no host sync."""
+        spread, spread0 = output_spread(logits), getattr(self, f"spread0_{modality}")
+        spread0.copy_(torch.where(spread0 > 0, spread0, spread))
+        # The floor only guards the division: a head whose outputs are all equal gives uniform targets either way.
+        return spread.clamp_min(1e-12) / spread0.clamp_min(1e-12)
 
     @torch.no_grad()
     def update(self, student: XKD, momentum: float) -> None:

@@ -179,19 +179,21 @@ def test_teacher_input_and_centering(tiny, views) -> None:
         second = teacher(*batch, temp_video=0.1, temp_audio=0.07)
         expected = torch.softmax((second.logits_audio - 0.1 * first.logits_audio.mean(0)) / 0.07, -1)
         torch.testing.assert_close(second.probs_audio, expected)
-    # Standardised: the first step divides by the initial unit variances (the paper's targets), and both running
-    # statistics then move toward the batch's.
-    cfg = tiny(teacher_standardize=True)
+    # Spread-relative temperatures: the first step's targets are the paper's; later steps scale the temperature by
+    # the batch's output spread over the first step's.
+    cfg = tiny(teacher_temp_relative=True)
     teacher = XKDTeacher(XKD(cfg))
     batch = views(cfg, batch=4)
     first = teacher(*batch, temp_video=0.1, temp_audio=0.07)
     torch.testing.assert_close(first.probs_audio, torch.softmax(first.logits_audio / 0.07, -1))
-    batch_variance = first.logits_audio.var(0, unbiased=False, keepdim=True)
-    torch.testing.assert_close(teacher.variance_audio, 0.9 + 0.1 * batch_variance)
+    spread0 = first.logits_audio.var(0, unbiased=False).mean().sqrt()
+    torch.testing.assert_close(teacher.spread0_audio, spread0)
+    batch = views(cfg, batch=4)
     second = teacher(*batch, temp_video=0.1, temp_audio=0.07)
+    temp = 0.07 * second.logits_audio.var(0, unbiased=False).mean().sqrt() / spread0
     centered = second.logits_audio - 0.1 * first.logits_audio.mean(0)
-    expected = torch.softmax(centered / (0.9 + 0.1 * batch_variance).sqrt() / 0.07, -1)
-    torch.testing.assert_close(second.probs_audio, expected)
+    torch.testing.assert_close(second.probs_audio, torch.softmax(centered / temp, -1))
+    torch.testing.assert_close(teacher.spread0_audio, spread0)
     # The local teacher sees exactly view 0.
     cfg = tiny(teacher_input="local", refine=False)
     teacher = XKDTeacher(XKD(cfg))
