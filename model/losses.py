@@ -54,7 +54,7 @@ def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bo
     return (per_token * mask).sum() / mask.sum()
 
 
-def teacher_probs(teacher_logits: Tensor, center: Tensor, temp: float) -> Tensor:
+def teacher_probs(teacher_logits: Tensor, center: Tensor, temp: float | Tensor) -> Tensor:
     """Centered and sharpened teacher targets q = softmax((t - c) / temp): (B, K) -> (B, K) float32."""
     with autocast_off(teacher_logits):
         return ((teacher_logits.float() - center.float()) / temp).softmax(dim=-1)

@@ -330,7 +330,8 @@ class XKDTeacher(nn.Module):
         reference on the first call. A () tensor: no host sync."""
         spread, spread0 = output_spread(logits), getattr(self, f"spread0_{modality}")
         spread0.copy_(torch.where(spread0 > 0, spread0, spread))
-        # The floor only guards the division: a head whose outputs are all equal gives uniform targets either way.
+        # The floor only guards the division: a head whose outputs are all equal gives every clip the same target
+        # either way.
         return spread.clamp_min(1e-12) / spread0.clamp_min(1e-12)
 
     @torch.no_grad()
