@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import train
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,3 +88,16 @@ def test_video_student_check_reports_each_mask_ratio(mini_ablation: tuple[Path, 
     # demo.yaml's video grid: 16 frames / 4 x (64 px / 16)^2 = 64 tokens; 50% masking keeps 32.
     assert [row.split(" | ")[1] for row in rows] == ["64 of 64", "32 of 64"]
     assert all(0 <= float(row.split(" | ")[2]) <= 100 for row in rows)
+
+
+def test_every_row_parses_into_a_train_config_that_its_overrides_change() -> None:
+    ablation = load("xkd_ablation", ROOT / "benchmarks" / "ablation.py")
+    preset = ["--config", str(ROOT / "configs" / "demo-ablation.yaml")]
+    base = train.parse_config(preset)
+    for key, variant in ablation.VARIANTS.items():
+        oracle = (
+            ["--model.oracle_num_classes=10"] if "--model.oracle_targets=true" in variant.overrides else []
+        )
+        cfg = train.parse_config([*preset, *variant.overrides, *oracle])
+        assert cfg.model.uses_teacher == variant.teacher, key
+        assert (cfg == base) == (key == "full"), key  # full XKD is the preset itself
