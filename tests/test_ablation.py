@@ -28,7 +28,7 @@ def mini_ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     ablation = load("xkd_ablation", ROOT / "benchmarks" / "ablation.py")
     root = tmp_path_factory.mktemp("ablation")
     argv = [
-        "--mini", "--variants", "mr", "full", "--seeds", "0", "--steps", "8", "--train-views", "2",
+        "--mini", "--variants", "mr", "full", "--seeds", "0", "--steps", "8", "--train-views", "2", "--equal-time",
         "--shards", str(root / "data" / "shards"), "--runs-dir", str(root / "runs"), "--out", str(root / "abl.md"),
     ]  # fmt: skip
     return root, ablation.main(argv) | {"argv": argv, "module": ablation}
@@ -50,7 +50,11 @@ def test_mini_ablation_runs_mr_and_xkd_and_their_probes_beat_chance(mini_ablatio
     # XKD logs the KD diagnostics, including the prototype-vs-label NMI; MR has no teacher to diagnose.
     assert {"diag/teacher_entropy_a2v", "diag/prototype_nmi_a2v"} <= set(results["full"][0]["diagnostics"])
     assert "teacher" in results["full"][0]["probes"] and "teacher" not in results["mr"][0]["probes"]
+    # Equal wall-clock: MR again, for the steps that XKD's seconds buy at MR's measured pace.
+    (mr,), (full,), (mr_at_full,) = results["mr"], results["full"], results["mr_at_full"]
+    assert mr_at_full["steps"] == round(8 * full["train_seconds"] / mr["train_seconds"])
     report = (root / "abl.md").read_text()
+    assert "MR at XKD (MR + KD + DA)'s wall-clock" in report
     assert (
         "MR (audio + video)" in report
         and "XKD (MR + KD + DA)" in report
