@@ -169,7 +169,7 @@ class ModelConfig:
     teacher_temp_relative: bool = False
     """Scale each teacher temperature by the spread of that teacher's outputs across clips (`losses.output_spread`)
     over their spread at the first step: the targets keep the sharpness they start with as the heads' outputs draw
-    together. Not in the paper: a demo-scale remedy (docs/ablation.md, "Why" 3), where the paper's fixed
+    together. Not in the paper: a demo-scale remedy (docs/ablation.md, "Why" 3 and 6), where the paper's fixed
     temperatures turn the targets uniform once the spread has shrunk ~10x."""
     refine: bool = True
     """Re-weight the teacher's patch tokens by cross-modal CLS attention before pooling (method sheet 2.4); off:

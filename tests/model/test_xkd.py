@@ -188,9 +188,9 @@ def test_teacher_input_and_centering(tiny, views) -> None:
     torch.testing.assert_close(first.probs_audio, torch.softmax(first.logits_audio / 0.07, -1))
     spread0 = first.logits_audio.var(0, unbiased=False).mean().sqrt()
     torch.testing.assert_close(teacher.spread0_audio, spread0)
-    batch = views(cfg, batch=4)
-    second = teacher(*batch, temp_video=0.1, temp_audio=0.07)
+    second = teacher(*views(cfg, batch=8), temp_video=0.1, temp_audio=0.07)  # other clips, another spread
     temp = 0.07 * second.logits_audio.var(0, unbiased=False).mean().sqrt() / spread0
+    assert abs(temp / 0.07 - 1) > 0.01  # the case tells a scaled temperature from the fixed one
     centered = second.logits_audio - 0.1 * first.logits_audio.mean(0)
     torch.testing.assert_close(second.probs_audio, torch.softmax(centered / temp, -1))
     torch.testing.assert_close(teacher.spread0_audio, spread0)
