@@ -224,7 +224,7 @@ def table(results: dict[str, list[dict[str, object]]], backbone: str) -> list[st
         label = (
             VARIANTS[key].label
             if key in VARIANTS
-            else f"MR at {VARIANTS[key.removeprefix('mr_at_')].label}'s wall-clock"
+            else f"MR at the wall-clock of: {VARIANTS[key.removeprefix('mr_at_')].label}"
         )
         cells = [
             label, str(len(runs)), str(runs[0]["steps"]), *(mean_std(acc[m]) for m in MODALITIES),
