@@ -2,8 +2,9 @@
 (method sheet 2.2, 2.5, 2.6), and the detached KD diagnostics the demo findings ask for.
 
 KD, centering and MMD run in float32 with autocast disabled (decision 6): the 8192-d head outputs have squared
-norms near 8192, so reduced-precision distances and logits there are noise. The DINO center all-reduce below is
-the one collective `model/` performs, and only when torch.distributed is initialised.
+norms near 8192, so reduced-precision distances and logits there are noise. The all-reduces of the DINO center and
+of the output spread below are the only collectives `model/` performs, and only when torch.distributed is
+initialised.
 
 MMD distances: the release expands ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y. With squared norms near 8192 that
 expansion carries float32 cancellation errors of 1e-3 to 4e-3 (measured on LayerNorm'd 8192-d rows), which the
@@ -75,8 +76,8 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> No
 
 @torch.no_grad()
 def output_spread(teacher_logits: Tensor) -> Tensor:
-    """Spread of a head's outputs across clips: sqrt of the variance across the batch, averaged over the K outputs,
-    averaged over all processes. (B, K) -> () float32."""
+    """Spread of a head's outputs across clips: the RMS over the K outputs of their std across the batch, averaged
+    over the processes' batches. (B, K) -> () float32."""
     with autocast_off(teacher_logits):
         spread = teacher_logits.float().var(dim=0, unbiased=False).mean().sqrt()
         if dist.is_available() and dist.is_initialized():
