@@ -124,6 +124,12 @@ def make_data(shards: Path, mini: bool) -> None:
         raise RuntimeError(f"xkd-shard failed on the mini demo data in {raw}")
 
 
+def row_overrides(variant: Variant, num_classes: int) -> list[str]:
+    """The train.py overrides of a row on the demo data (the oracle needs the number of classes)."""
+    oracle = "--model.oracle_targets=true" in variant.overrides
+    return [*variant.overrides, *([f"--model.oracle_num_classes={num_classes}"] if oracle else [])]
+
+
 def train_run(args: argparse.Namespace, name: str, variant: Variant, seed: int, steps: int) -> float:
     """Train one run to `steps` optimizer steps (its schedules sized to them); returns the training wall time in
     seconds (measured once: a restart after training reads it from `train_time.json`)."""
@@ -142,10 +148,8 @@ def train_run(args: argparse.Namespace, name: str, variant: Variant, seed: int, 
         f"--runs_dir={args.runs_dir}", f"--seed={seed}", f"--epochs={epochs}", f"--warmup_epochs={warmup}",
         f"--teacher_temp_warmup_epochs={warmup}", f"--batch_size={batch}", f"--checkpoint_every={steps}",
         f"--log_every={max(1, steps // 20)}", "--make_demo_data=false", f"--data.shards={args.shards}",
-        *(MINI if args.mini else ()), *variant.overrides,
+        *(MINI if args.mini else ()), *row_overrides(variant, len(info["classes"])),
     ]  # fmt: skip
-    if "--model.oracle_targets=true" in variant.overrides:
-        cmd.append(f"--model.oracle_num_classes={len(info['classes'])}")
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     seconds = time.perf_counter() - started

@@ -99,9 +99,6 @@ def test_every_row_parses_into_a_train_config_that_its_overrides_change() -> Non
     preset = ["--config", str(ROOT / "configs" / "demo-ablation.yaml")]
     base = train.parse_config(preset)
     for key, variant in ablation.VARIANTS.items():
-        oracle = (
-            ["--model.oracle_num_classes=10"] if "--model.oracle_targets=true" in variant.overrides else []
-        )
-        cfg = train.parse_config([*preset, *variant.overrides, *oracle])
+        cfg = train.parse_config([*preset, *ablation.row_overrides(variant, num_classes=10)])
         assert cfg.model.uses_teacher == variant.teacher, key
         assert (cfg == base) == (key == "full"), key  # full XKD is the preset itself
