@@ -376,7 +376,8 @@ def test_full_objective_centers_and_mmd_work_per_micro_batch(
 def test_every_preset_parses_into_a_consistent_config(preset: str) -> None:
     cfg = train.parse_config(["--config", str(REPO / "configs" / preset)])
     expected = {
-        "demo.yaml": ("xkd", "full"), "demo-ablation.yaml": ("xkd", "full"), "xkd_k400.yaml": ("xkd", "full"),
+        "demo.yaml": ("xkd", "full"), "demo-ablation.yaml": ("xkd", "full"), "demo-ablation-rel.yaml": ("xkd", "full"),
+        "xkd_k400.yaml": ("xkd", "full"),
         "xkd_mas_k400.yaml": ("mas", "full"), "xkd_mats_k400.yaml": ("mats", "full"), "ablation_mr.yaml": ("xkd", "mr"),
         "ablation_mr_video.yaml": ("xkd", "mr_video"), "ablation_mr_kd.yaml": ("xkd", "mr_kd"),
         "ablation_mr_da.yaml": ("xkd", "mr_da"),
@@ -387,6 +388,12 @@ def test_every_preset_parses_into_a_consistent_config(preset: str) -> None:
         demo = train.parse_config(["--config", str(REPO / "configs" / "demo.yaml")])
         deviations = {"lr": 1e-3, "model": dataclasses.replace(demo.model, video_mask_ratio=0.5)}
         assert dataclasses.replace(demo, name="demo-ablation", **deviations) == cfg
+        return
+    # demo-ablation-rel.yaml is demo-ablation.yaml with spread-relative teacher temperatures, nothing else.
+    if preset == "demo-ablation-rel.yaml":
+        base = train.parse_config(["--config", str(REPO / "configs" / "demo-ablation.yaml")])
+        relative = dataclasses.replace(base.model, teacher_temp_relative=True)
+        assert dataclasses.replace(base, name="demo-ablation-rel", model=relative) == cfg
         return
     if preset == "demo.yaml":
         return
