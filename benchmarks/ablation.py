@@ -12,6 +12,8 @@ its export. Runs go one by one into `runs/ablation/<variant>-n<steps>-b<batch>-s
 so a restart continues where it stopped. The schedules (LR, EMA, teacher temperature) are sized to `--steps`, so
 every variant sees the same number of optimizer steps; each run's training wall time is recorded for the
 equal-wall-clock comparison (`--equal-time [ROW]` adds MR trained for as long as full XKD, or ROW, took).
+`--report-only` writes the report from the runs finished so far and names the others, training nothing (an
+ablation too long for one sitting is reported as it grows).
 """
 
 from __future__ import annotations
@@ -187,12 +189,18 @@ def run_name(args: argparse.Namespace, key: str, steps: int, seed: int) -> str:
     return f"{key}-n{steps}-b{8 if args.mini else args.batch_size}-s{seed}"
 
 
+def finished(args: argparse.Namespace, name: str) -> dict[str, object] | None:
+    """The run's `result.json` (written last, so only by a run that finished), or None."""
+    path = args.runs_dir / name / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run_one(args: argparse.Namespace, key: str, seed: int, steps: int, name: str) -> dict[str, object]:
     """Train and probe one (variant, seed), or read its finished `result.json`."""
+    done = finished(args, name)
+    if done is not None:
+        return done
     run_dir = args.runs_dir / name
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
     variant = VARIANTS[key if key in VARIANTS else "mr"]
     print(f"== ablation run {name}: {variant.label}, {steps} steps", file=sys.stderr, flush=True)
     seconds = train_run(args, name, variant, seed, steps)
@@ -203,8 +211,22 @@ def run_one(args: argparse.Namespace, key: str, seed: int, steps: int, name: str
         "variant": key, "seed": seed, "steps": steps, "train_seconds": round(seconds, 1), "probes": probes,
         "diagnostics": last_diagnostics(run_dir), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def row_runs(args: argparse.Namespace, key: str, steps: int, missing: list[str]) -> list[dict[str, object]]:
+    """A row's runs over `--seeds`, trained unless finished; with `--report-only` only the finished ones, the
+    names of the others appended to `missing`."""
+    runs = []
+    for seed in args.seeds:
+        name = run_name(args, key, steps, seed)
+        result = finished(args, name) if args.report_only else run_one(args, key, seed, steps, name)
+        if result is None:
+            missing.append(name)
+        else:
+            runs.append(result)
+    return runs
 
 
 def mean_std(values: list[float]) -> str:
@@ -272,8 +294,10 @@ def shown(path: Path) -> str:
     return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
-def write_report(args: argparse.Namespace, results: dict[str, list[dict[str, object]]], wall: float) -> None:
-    """`--out` (Markdown: command, machine, date, time, tables) and the bar plot beside it."""
+def write_report(
+    args: argparse.Namespace, results: dict[str, list[dict[str, object]]], wall: float, missing: list[str]
+) -> None:
+    """`--out` (Markdown: command, machine, date, time, tables, the runs not finished) and the bar plot beside it."""
     info = json.loads((args.shards / "dataset.json").read_text())
     chance = 100.0 / len(info["classes"])
     png = args.out.with_suffix(".png")
@@ -296,6 +320,7 @@ def write_report(args: argparse.Namespace, results: dict[str, list[dict[str, obj
         f" test clips, {len(info['classes'])} classes, chance {chance:.1f}%).",
         f"- Probes: `eval.py --probe linear` (default protocol), {args.train_views} train view(s) per video, "
         f"{args.test_clips} test clip(s); mean ± sample std over seeds.",
+        *([f"- Not finished yet, so not in the tables: {', '.join(missing)}."] if missing else []),
         "",
         "## Student backbone (comparable across every variant)",
         "",
@@ -345,6 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add MR trained for the mean wall time of ROW's runs (default ROW: full, i.e. XKD)",
     )  # fmt: skip
     p.add_argument("--mini", action="store_true", help="4-class x 12-clip demo data, a 1-block model (CI)")
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: report the runs already finished and name the missing ones",
+    )  # fmt: skip
     p.add_argument("--summarize", type=Path, help="only print the table of the probe results in this folder")
     args = p.parse_args(argv)
     mini_root = ROOT / "data" / "demo-mini"
@@ -359,22 +388,30 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
         print(summarize(args.summarize))
         return {}
     started = time.perf_counter()
-    make_data(args.shards, args.mini)
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        if not (args.shards / "dataset.json").is_file():
+            raise SystemExit(
+                f"--report-only: {args.shards / 'dataset.json'} not found; pass the runs' --shards"
+            )
+    else:
+        make_data(args.shards, args.mini)
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, object]]] = {}
+    missing: list[str] = []
     for key in args.variants:
-        results[key] = [
-            run_one(args, key, s, args.steps, run_name(args, key, args.steps, s)) for s in args.seeds
-        ]
+        if runs := row_runs(args, key, args.steps, missing):
+            results[key] = runs
     if args.equal_time and "mr" in results and args.equal_time in results:
         # MR given the seconds the row took: steps scaled by the measured per-step time ratio.
         ratio = statistics.mean(r["train_seconds"] for r in results[args.equal_time]) / statistics.mean(
             r["train_seconds"] for r in results["mr"]
         )
-        steps = round(args.steps * ratio)
         key = f"mr_at_{args.equal_time}"  # the table's label names the row after the prefix
-        results[key] = [run_one(args, key, s, steps, run_name(args, key, steps, s)) for s in args.seeds]
-    write_report(args, results, time.perf_counter() - started)
+        if runs := row_runs(args, key, round(args.steps * ratio), missing):
+            results[key] = runs
+    if not results:
+        raise SystemExit(f"--report-only: no finished run of these rows and seeds in {args.runs_dir}")
+    write_report(args, results, time.perf_counter() - started, missing)
     return results
 
 

@@ -66,6 +66,32 @@ def test_mini_ablation_runs_mr_and_xkd_and_their_probes_beat_chance(mini_ablatio
     assert again["full"][0] == saved
 
 
+def test_report_only_tables_the_finished_runs_and_names_the_rest(mini_ablation: tuple[Path, dict]) -> None:
+    root, results = mini_ablation
+    ablation, runs = results["module"], root / "runs"
+    before = sorted(runs.iterdir())
+    common = [
+        "--mini",
+        "--report-only",
+        "--steps",
+        "8",
+        "--shards",
+        str(root / "data" / "shards"),
+        "--runs-dir",
+        str(runs),
+    ]
+    partial = ablation.main(
+        [*common, "--variants", "mr", "full", "mr_kd", "--seeds", "0", "1", "--out", str(root / "partial.md")]
+    )
+    assert sorted(runs.iterdir()) == before  # nothing trained
+    assert list(partial) == ["mr", "full"] and partial["full"] == results["full"]
+    report = (root / "partial.md").read_text()
+    assert "| XKD (MR + KD + DA) | 1 | 8 |" in report and "| MR + KD |" not in report
+    assert "not in the tables: mr-n8-b8-s1, full-n8-b8-s1, mr_kd-n8-b8-s0, mr_kd-n8-b8-s1." in report
+    with pytest.raises(SystemExit, match="no finished run"):
+        ablation.main([*common, "--variants", "mas", "--seeds", "0", "--out", str(root / "none.md")])
+
+
 def test_visualize_writes_reconstruction_and_refinement_pngs(mini_ablation: tuple[Path, dict]) -> None:
     root, _ = mini_ablation
     visualize = load("xkd_visualize", ROOT / "visualize.py")
