@@ -71,15 +71,8 @@ def test_report_only_tables_the_finished_runs_and_names_the_rest(mini_ablation: 
     ablation, runs = results["module"], root / "runs"
     before = sorted(runs.iterdir())
     common = [
-        "--mini",
-        "--report-only",
-        "--steps",
-        "8",
-        "--shards",
-        str(root / "data" / "shards"),
-        "--runs-dir",
-        str(runs),
-    ]
+        "--mini", "--report-only", "--steps", "8", "--shards", str(root / "data" / "shards"), "--runs-dir", str(runs),
+    ]  # fmt: skip
     partial = ablation.main(
         [*common, "--variants", "mr", "full", "mr_kd", "--seeds", "0", "1", "--out", str(root / "partial.md")]
     )
