@@ -1133,6 +1133,7 @@ _THROUGHPUT_FIELDS = (
     "num_workers",
     "dali_threads",
     "device_id",
+    "augment_device",
     "with_video",
     "with_audio",
 )

@@ -7,8 +7,10 @@ torchvision's definitions for float images (contrast blends with the mean gray l
 clamps to [0, 1]).
 
 The random factors are drawn per sample by the shard reader (`draw_photometric`), so both decoding paths apply
-identical augmentations; `photometric` applies them to a whole batch on whatever device it lives on (the GPU on
-the DALI `mixed` path, the reader worker on the PyAV path).
+identical augmentations; `photometric` applies them to a whole batch on whatever device it lives on
+(`DataConfig.augment_device`: the GPU on the DALI `mixed` path and, when CUDA is available, on the CPU-decoding
+paths; otherwise the PyAV reader workers or the main process on DALI `cpu`). `augmented_batch` is the one place
+that turns decoded uint8 views into the `Batch`, on every path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xkd.pipeline.batch import Batch
 from xkd.pipeline.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,3 +206,28 @@ def video_views_batch(
     return global_view, torch.stack(
         [photometric(v, p, blur_kernel) for v, p in zip(video_local, photo_local)]
     )
+
+
+def augmented_batch(
+    side: dict[str, object],
+    video_global: torch.Tensor,
+    video_local: list[torch.Tensor],
+    device: torch.device,
+    blur_kernel: int = 9,
+) -> Batch:
+    """The `Batch` of one batch of decoded uint8 views, augmented and normalised on `device`.
+
+    Args:
+        side: the reader's other fields: the `Batch` fields but the video ones, plus `photo_global` and
+            `photo_local` (the collated photometric parameters), which are consumed.
+        video_global, video_local: as `video_views_batch` takes them, on any device (copied to `device` as uint8).
+    """
+    photo_global, photo_local = side.pop("photo_global"), side.pop("photo_local")
+    global_view, local_views = video_views_batch(
+        video_global.to(device, non_blocking=True),
+        [v.to(device, non_blocking=True) for v in video_local],
+        photo_global,
+        photo_local,
+        blur_kernel,
+    )
+    return Batch(video_global=global_view, video_local=local_views, **side)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 BACKENDS = ("auto", "dali", "pyav")
 DALI_DEVICES = ("auto", "mixed", "cpu")
+AUGMENT_DEVICES = ("auto", "cpu", "cuda")
 SHORT_CLIPS = ("skip", "pad")
 
 
@@ -47,7 +48,13 @@ class DataConfig:
     dali_threads: int = 4
     """Threads of the DALI pipeline (decoding and resizing on the CPU backend; host-side work on `mixed`)."""
     device_id: int | None = None
-    """CUDA device of the `mixed` DALI path; None uses `torch.cuda.current_device()` (set per rank by the trainer)."""
+    """CUDA device of the `mixed` DALI path and of `augment_device='cuda'`; None uses `torch.cuda.current_device()`
+    (set per rank by the trainer)."""
+    augment_device: str = "auto"
+    """Where the CPU-decoding paths (`pyav`, DALI `cpu`) run the photometric augmentation and ImageNet normalisation:
+    `cpu` (inside the PyAV reader workers, beside the decoding; in the main process on DALI `cpu`), `cuda` (on the
+    GPU `device_id`, after copying the uint8 views there: a quarter of the float batch's bytes, and no CPU time) or
+    `auto` (`cuda` when CUDA is available). DALI `mixed` always runs them on its GPU."""
     shuffle_buffer: int = 1000
     """Samples held per reader worker for shuffling in training; each holds its encoded bytes (~0.1-0.5 MB)."""
     max_consecutive_skips: int = 1000
@@ -136,6 +143,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.backend={self.backend!r}: choose one of {BACKENDS}")
         if self.dali_device not in DALI_DEVICES:
             raise ValueError(f"DataConfig.dali_device={self.dali_device!r}: choose one of {DALI_DEVICES}")
+        if self.augment_device not in AUGMENT_DEVICES:
+            raise ValueError(
+                f"DataConfig.augment_device={self.augment_device!r}: choose one of {AUGMENT_DEVICES}"
+            )
         if self.short_clips not in SHORT_CLIPS:
             raise ValueError(f"DataConfig.short_clips={self.short_clips!r}: choose one of {SHORT_CLIPS}")
         if self.batch_size < 1 or self.num_workers < 0 or self.dali_threads < 1:

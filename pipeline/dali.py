@@ -7,7 +7,8 @@ parameter; this module feeds the encoded `video.mp4` bytes and those parameters 
 decoded global clip with `fn.slice`, and crops each view with `fn.resize` on a per-sample pixel ROI (antialiased
 bilinear) and `fn.flip`. Outputs leave through DALI's PyTorch iterator; the audio views and labels, computed by the
 reader, travel beside the pipeline in a FIFO (DALI keeps batch order). Photometric augmentation then runs once on
-the batch, on the pipeline's device (`augment.py`), as on the PyAV path.
+the batch (`augment.augmented_batch`, as on the PyAV path): on the GPU on `mixed`, where `DataConfig.augment_device`
+says on `cpu`.
 
 DALI cannot skip a sample: a decode error stops the run. The error names the shard and key of the samples in
 flight that PyAV cannot decode either, and the `xkd-shard verify` command that finds such samples ahead of time.
@@ -19,11 +20,12 @@ from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from xkd.pipeline.augment import video_views_batch
+from xkd.pipeline.augment import augmented_batch
 from xkd.pipeline.batch import Batch
 from xkd.pipeline.decode import DecodeError, decode_frames
 
@@ -127,11 +129,11 @@ class DaliBatches:
 
     Args:
         batches: the reader's batches (see `loader.py`).
-        device: `mixed` (GPU decode, outputs on `device_id`) or `cpu`.
+        device: `mixed` (GPU decode, outputs on `augment_device`) or `cpu`.
         max_batch: the largest batch the reader yields (the last one of an evaluation pass may be smaller).
         frames, size, local_frames, local_size, local_views: view geometry.
         threads: DALI worker threads.
-        device_id: CUDA device for `mixed`.
+        augment_device: where the views are augmented and normalised; on `mixed`, the CUDA device that decodes.
         blur_kernel: Gaussian-blur kernel of the photometric augmentation.
     """
 
@@ -146,11 +148,12 @@ class DaliBatches:
         local_size: int,
         local_views: int,
         threads: int,
-        device_id: int | None,
+        augment_device: torch.device,
         blur_kernel: int,
     ):
         self.feeder = _Feeder(batches)
         self.local_views = local_views
+        self.augment_device = augment_device
         self.blur_kernel = blur_kernel
         pipe = _video_graph(
             source=self.feeder,
@@ -163,7 +166,7 @@ class DaliBatches:
             batch_size=max_batch,
             num_threads=threads,
             # A CPU-only pipeline needs device_id=None (CPU_ONLY_DEVICE_ID fails without a driver).
-            device_id=device_id if device == "mixed" else None,
+            device_id=augment_device.index if device == "mixed" else None,
             prefetch_queue_depth=2,
         )
         self.names = ["video_global"] + [f"video_local_{i}" for i in range(local_views)]
@@ -189,14 +192,13 @@ class DaliBatches:
             raise RuntimeError(self._decode_failure(err)) from err
         side = self.feeder.in_flight.popleft()
         side.pop("video_check")
-        video_global, video_local = video_views_batch(
+        return augmented_batch(
+            side,
             outputs["video_global"],
             [outputs[name] for name in self.names[1:]],
-            side.pop("photo_global"),
-            side.pop("photo_local"),
+            self.augment_device,
             self.blur_kernel,
         )
-        return Batch(video_global=video_global, video_local=video_local, **side)
 
     def _decode_failure(self, err: RuntimeError) -> str:
         """Name the samples in flight that PyAV cannot decode either (DALI does not say which sample failed)."""

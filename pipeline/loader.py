@@ -11,6 +11,11 @@ Backend choice (`DataConfig.backend`):
 - `auto`: DALI if `nvidia.dali` imports (decoder `mixed` when CUDA is available, else `cpu`), else `pyav`;
 - `dali`: DALI, decoder per `DataConfig.dali_device`; `pyav`: the portable path.
 Audio-only data never needs a video decoder, so it always runs on the reader alone.
+
+Photometric augmentation and normalisation run once per batch, where `DataConfig.augment_device` says
+(`augment_device`): on the GPU whenever there is one (the decoded uint8 views go there, so the CPU only decodes and
+cuts views), otherwise in the PyAV reader workers (beside the decoding, in parallel with the trainer) or in the main
+process on DALI `cpu`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xkd.pipeline.audio import audio_views
-from xkd.pipeline.augment import collate_photometric, draw_photometric, video_views_batch
+from xkd.pipeline.augment import augmented_batch, collate_photometric, draw_photometric
 from xkd.pipeline.batch import Batch
 from xkd.pipeline.config import DataConfig
 from xkd.pipeline.decode import DecodeError, decode_frames, stack_views, video_views
@@ -94,6 +99,21 @@ def resolve_backend(cfg: DataConfig) -> str:
     return f"dali-{device}"
 
 
+def augment_device(cfg: DataConfig, backend: str) -> torch.device | None:
+    """The device on which the main process augments and normalises the decoded video views (see
+    `DataConfig.augment_device`), or None when the PyAV reader workers do it themselves."""
+    choice = "cuda" if backend == "dali-mixed" else cfg.augment_device
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return None if backend == "pyav" else torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "DataConfig.augment_device='cuda' needs a CUDA GPU: use augment_device='cpu' or 'auto'"
+        )
+    return torch.device("cuda", torch.cuda.current_device() if cfg.device_id is None else cfg.device_id)
+
+
 @dataclass
 class ReadPlan:
     """Everything a reader worker needs (picklable): what to read, how to split it, and what to produce."""
@@ -109,6 +129,8 @@ class ReadPlan:
     with_audio: bool
     decode_video: bool
     """Decode video in the reader with PyAV (else the DALI path gets the encoded bytes)."""
+    augment_device: torch.device | None
+    """Where the main process augments and normalises the views (`augment_device`); None: the PyAV reader does."""
     mel_mean: float
     mel_std: float
     clips: int = 1
@@ -133,7 +155,8 @@ def _keep_freed_memory() -> None:
 
 class ReaderDataset(IterableDataset):
     """The shard reader as a torch IterableDataset: yields (batch, worker id, skip counts) tuples, where batch is
-    a finished `Batch` (PyAV path, audio-only data) or a dict with the DALI feed (DALI path)."""
+    a finished `Batch` (audio-only data; PyAV path augmenting in the reader), a dict of the uint8 PyAV views and
+    the other fields (PyAV path augmenting in the main process) or a dict with the DALI feed (DALI path)."""
 
     def __init__(self, plan: ReadPlan):
         super().__init__()
@@ -265,22 +288,20 @@ class ReaderDataset(IterableDataset):
         local_views = len(rows[0]["photo_local"])
         photo_global = collate_photometric([r["photo_global"] for r in rows])
         photo_local = [collate_photometric([r["photo_local"][i] for r in rows]) for i in range(local_views)]
+        side.update(photo_global=photo_global, photo_local=photo_local)
         if not plan.decode_video:
             return dict(
                 side,
-                photo_global=photo_global,
-                photo_local=photo_local,
                 video_feed=[r["video_feed"] for r in rows],
                 video_check=[r["video_check"] for r in rows],
             )
-        video_global, video_local = video_views_batch(
-            stack_views([r["video_global"] for r in rows]),
-            [stack_views([r["video_local"][i] for r in rows]) for i in range(local_views)],
-            photo_global,
-            photo_local,
-            plan.cfg.video_blur_kernel,
-        )
-        return Batch(video_global=video_global, video_local=video_local, **side)
+        video_global = stack_views([r["video_global"] for r in rows])
+        video_local = [stack_views([r["video_local"][i] for r in rows]) for i in range(local_views)]
+        if plan.augment_device is None:
+            return augmented_batch(
+                side, video_global, video_local, torch.device("cpu"), plan.cfg.video_blur_kernel
+            )
+        return dict(side, video_global=video_global, video_local=video_local)
 
 
 def _keep(batch: object) -> object:
@@ -295,6 +316,12 @@ def _unpack(
     for batch, worker, worker_counts in loader:
         counts[worker] = worker_counts
         yield batch
+
+
+def _augmented(batches: Iterator[dict], device: torch.device, blur_kernel: int) -> Iterator[Batch]:
+    """The reader's uint8 PyAV views, augmented and normalised on `device`."""
+    for raw in batches:
+        yield augmented_batch(raw, raw.pop("video_global"), raw.pop("video_local"), device, blur_kernel)
 
 
 class BatchIterator:
@@ -324,11 +351,11 @@ class BatchIterator:
                 local_size=cfg.video_local_size,
                 local_views=cfg.video_local_views if plan.train else 0,
                 threads=cfg.dali_threads,
-                device_id=(torch.cuda.current_device() if cfg.device_id is None else cfg.device_id)
-                if backend == "dali-mixed"
-                else None,
+                augment_device=plan.augment_device,
                 blur_kernel=cfg.video_blur_kernel,
             )
+        elif plan.decode_video and plan.augment_device is not None:
+            self._batches = _augmented(batches, plan.augment_device, plan.cfg.video_blur_kernel)
         else:
             self._batches = batches
 
@@ -403,6 +430,7 @@ def _plan(
         with_video=with_video,
         with_audio=cfg.with_audio,
         decode_video=with_video and backend == "pyav",
+        augment_device=augment_device(cfg, backend) if with_video else None,
         mel_mean=mean,
         mel_std=std,
         **kwargs,

@@ -127,12 +127,14 @@ def write_shards(out: Path, samples: list[FakeSample], split: str, per_shard: in
 
 
 def tiny_config(shards: Path, **overrides: object) -> DataConfig:
-    """Small geometry for fast tests: 2 s windows of 16 frames at 8 fps, 32 px global / 16 px local views."""
+    """Small geometry for fast tests: 2 s windows of 16 frames at 8 fps, 32 px global / 16 px local views, PyAV
+    decoding with CPU augmentation (CPU batches on any machine; the GPU tests ask for the GPU)."""
     base = dict(
         shards=str(shards),
         batch_size=4,
         num_workers=0,
         backend="pyav",
+        augment_device="cpu",
         video_frames=16,
         video_size=32,
         video_local_frames=4,

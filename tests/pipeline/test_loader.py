@@ -182,3 +182,62 @@ def test_demo_shards_from_xkd_shard_end_to_end(demo_shards: Path):
     rows = [b for b in make_eval_loader(cfg, split="test", fold=1, clips=2, crops=3)]
     assert sum(len(b) for b in rows) == 3 * 2 * 3
     assert all(b.video_global.shape[1:] == (3, 32, 112, 112) and b.video_local is None for b in rows)
+
+
+def _assert_equal_batches(a: list, b: list, atol: float = 0.0) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.key == y.key and torch.equal(x.start_s, y.start_s)
+        for name in ("video_global", "video_local", "audio_global", "audio_local"):
+            vx, vy = getattr(x, name), getattr(y, name)
+            assert (vx is None) == (vy is None), name
+            if vx is not None:
+                assert vx.dtype == vy.dtype == torch.float32, name
+                torch.testing.assert_close(vx.cpu(), vy.cpu(), rtol=0, atol=atol, msg=name)
+
+
+def test_pyav_views_augmented_in_the_main_process_equal_the_readers(tiny_shards: Path, kit, monkeypatch):
+    """With a device to augment on (a GPU in real runs, the CPU here), the PyAV readers hand over uint8 views and the
+    main process augments and normalises them: the batches are the ones the readers would have made."""
+    from xkd.pipeline import loader
+
+    cfg = kit.tiny_config(tiny_shards, num_workers=2)
+
+    def batches() -> tuple[list, list]:
+        train = list(itertools.islice(make_train_loader(cfg, seed=5), 3))
+        return train, list(make_eval_loader(cfg, split="test", clips=2, crops=1))
+
+    in_reader = batches()
+    assert loader.augment_device(cfg, "pyav") is None  # no GPU here: the readers augment
+    monkeypatch.setattr(loader, "augment_device", lambda cfg, backend: torch.device("cpu"))
+    raw = loader.ReaderDataset(
+        loader._plan(cfg, "train", None, True, "pyav", rank=0, world_size=1, seed=(5, 0, 0))
+    )
+    first = next(iter(raw))[0]
+    assert (
+        first["video_global"].dtype == torch.uint8 and "photo_global" in first
+    )  # uint8 views leave the reader
+    in_main = batches()
+    for reader_batches, main_batches in zip(in_reader, in_main):
+        _assert_equal_batches(reader_batches, main_batches)
+
+
+def test_augment_device_names_what_it_needs():
+    with pytest.raises(ValueError, match="augment_device='gpu'.*auto"):
+        DataConfig(shards="x", augment_device="gpu")
+    if not torch.cuda.is_available():
+        from xkd.pipeline.loader import augment_device
+
+        with pytest.raises(RuntimeError, match="augment_device='cuda' needs a CUDA GPU"):
+            augment_device(DataConfig(shards="x", augment_device="cuda"), "pyav")
+
+
+@pytest.mark.gpu
+def test_pyav_views_augmented_on_the_gpu_match_the_cpu(tiny_shards: Path, kit):
+    batches = {}
+    for device in ("cuda", "cpu"):
+        cfg = kit.tiny_config(tiny_shards, num_workers=2, augment_device=device)
+        batches[device] = list(itertools.islice(make_train_loader(cfg, seed=5), 3))
+    assert batches["cuda"][0].video_global.is_cuda and not batches["cpu"][0].video_global.is_cuda
+    # Same uint8 views and parameters; float kernels differ in rounding (blur, hue) only.
+    _assert_equal_batches(batches["cuda"], batches["cpu"], atol=1e-4)
