@@ -330,8 +330,13 @@ class BatchIterator:
     def __init__(self, plan: ReadPlan, backend: str, max_batch: int):
         self.backend = backend
         self._counts: dict[int, dict[str, int]] = {}
+        to_gpu = plan.decode_video and plan.augment_device is not None and plan.augment_device.type == "cuda"
         loader = DataLoader(
-            ReaderDataset(plan), batch_size=None, num_workers=plan.cfg.num_workers, collate_fn=_keep
+            ReaderDataset(plan),
+            batch_size=None,
+            num_workers=plan.cfg.num_workers,
+            collate_fn=_keep,
+            pin_memory=to_gpu,  # the uint8 views then reach the GPU by an asynchronous copy
         )
         # A plain generator, not a bound method: a reference back to self would make a cycle that keeps the worker
         # processes alive until the garbage collector runs (and then costs a 5 s join timeout per worker).
