@@ -14,7 +14,6 @@ the batches the uninterrupted run saw.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import math
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from xkd.model import XKD, ModelConfig, XKDTeacher, flops_per_sample
 from xkd.pipeline import Batch, DataConfig, dataset_info, make_eval_loader, make_train_loader, mel_stats
+from xkd.pipeline.memory import keep_freed_memory
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 # xkd-shard options of the demo data (`make_demo_data`, benchmarks/ablation.py): the clips are 64 px, keep them so
@@ -500,23 +500,6 @@ def export_encoders(student: XKD, teacher: XKDTeacher | None, cfg: TrainConfig, 
     mean, std = mel_stats(cfg.data)
     data = dataclasses.replace(cfg.data, mel_mean=mean, mel_std=std, mel_stats_from_dataset=False)
     (out / "data.json").write_text(json.dumps(plain(data), indent=2) + "\n")
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the kernel.
-
-    On the CPU the activations of a step are malloc'd afresh (torch keeps no CPU cache), and by default glibc returns
-    blocks of that size to the kernel when they are freed, so every step faults in the pages again: on the 2-core
-    demo machine a fresh 25 MB tensor cost ~10x the multiply that filled it. These two settings (the values of the
-    `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` variables) made a single-threaded step of the demo
-    ablation's XKD and MR 10-22% faster there (measured beside another job). Not glibc: nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
-    libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: at most 2 GiB kept free at the top of the heap
 
 
 def make_demo_data(shards: Path) -> None:

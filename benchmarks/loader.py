@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xkd.pipeline import DataConfig, make_train_loader, resolve_backend
 from xkd.pipeline.audio import audio_views
+from xkd.pipeline.memory import keep_freed_memory
 from xkd.pipeline.views import random_resized_crop
 from xkd.sharding import cli
 from xkd.sharding.mel import decode_audio, log_mel
@@ -289,7 +290,7 @@ def profile_run(shards: str, batches: int) -> None:
     from xkd.pipeline import loader
 
     torch.set_num_threads(1)
-    loader._keep_freed_memory()
+    keep_freed_memory()
     spent = dict.fromkeys(PROFILED, 0.0)
 
     def timed(name, fn):

@@ -20,7 +20,6 @@ process on DALI `cpu`.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 from collections import Counter
@@ -37,6 +36,7 @@ from xkd.pipeline.augment import augmented_batch, collate_photometric, draw_phot
 from xkd.pipeline.batch import Batch
 from xkd.pipeline.config import DataConfig
 from xkd.pipeline.decode import DecodeError, decode_frames, stack_views, video_views
+from xkd.pipeline.memory import keep_freed_memory
 from xkd.pipeline.shards import (
     Sample,
     Selection,
@@ -137,22 +137,6 @@ class ReadPlan:
     crops: int = 1
 
 
-def _keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed memory in this (reader worker) process instead of handing it back.
-
-    Every batch allocates the same large buffers again (the float views of a batch of 8 are ~45 MB); glibc maps
-    blocks over 32 MB afresh and trims the heap, and the page faults on the fresh pages cost more than the work:
-    17 of the 21 ms of converting a batch's uint8 views to float. With mmap off and trimming at 1 GiB, the heap
-    reuses the same pages from batch to batch. Linux/glibc only; elsewhere nothing changes.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-4, 0)  # M_MMAP_MAX: serve every size from the heap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return memory only beyond 1 GiB free at the heap's top
-
-
 class ReaderDataset(IterableDataset):
     """The shard reader as a torch IterableDataset: yields (batch, worker id, skip counts) tuples, where batch is
     a finished `Batch` (audio-only data; PyAV path augmenting in the reader), a dict of the uint8 PyAV views and
@@ -166,7 +150,7 @@ class ReaderDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:  # a process of our own: its allocator policy is ours to set
-            _keep_freed_memory()
+            keep_freed_memory()
         plan, cfg = self.plan, self.plan.cfg
         skips = SkipCounter(cfg.max_consecutive_skips)
         read_rng, view_rng = (

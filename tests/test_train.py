@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -162,32 +161,6 @@ def test_schedules_match_hand_computed_values(tmp_path: Path) -> None:
     assert train.teacher_temp_at(cfg, 99, spe) == pytest.approx((0.11, 0.06))
     xkd = tiny_config(tmp_path)  # XKD: constant 0.1 / 0.07
     assert train.teacher_temp_at(xkd, 3, spe) == pytest.approx((0.1, 0.07))
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
-def test_keep_freed_memory_stops_faulting_in_freed_blocks_again() -> None:
-    # In a fresh process: the setting is process-wide. Four 25 MiB blocks freed together exceed glibc's default
-    # trim threshold, so their pages go back to the kernel and fault in again at the next step's allocation.
-    code = """
-import resource, torch, train
-def step():
-    blocks = [torch.ones(25 << 18) for _ in range(4)]
-    del blocks
-def faults():
-    step()  # the first step after the setting grows the heap
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-default = faults()
-train.keep_freed_memory()
-print(default, faults())
-"""
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    default, kept = map(int, out.stdout.split())
-    if default < 50_000:  # 5 x 4 x 6,400 4-KiB pages when every block faults in again (measured: ~128,000)
-        pytest.skip(f"{default} page faults without the setting: huge pages, or a malloc that keeps blocks")
-    assert kept < default / 10  # measured: 0 or one block's 6,400
 
 
 def test_optimizer_groups_follow_the_paper(tmp_path: Path) -> None:
